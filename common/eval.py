@@ -324,19 +324,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _encode_pair(tokenizer, context: str, continuation: str, prefix: list[int]) -> tuple[list[int], list[int]]:
-    """Token ids of a context and its continuation, as the model would see context + continuation.
+def _encode_continuation(tokenizer, context: str, ctx_ids: list[int], continuation: str) -> list[int]:
+    """Token ids of `continuation` as the model sees it after `context` (whose ids are `ctx_ids`).
 
-    Encodes the whole string and splits it after the context's tokens; if the tokenizer merged
+    Encodes the whole string and keeps what follows the context's tokens; if the tokenizer merged
     across the boundary, the continuation is encoded on its own (lm-eval does the same).
     """
-    ctx = _encode(tokenizer, context)
     whole = _encode(tokenizer, context + continuation)
-    if len(whole) > len(ctx) and whole[: len(ctx)] == ctx:
-        cont = whole[len(ctx) :]
-    else:
-        cont = _encode(tokenizer, continuation)
-    return prefix + ctx, cont
+    if len(whole) > len(ctx_ids) and whole[: len(ctx_ids)] == ctx_ids:
+        return whole[len(ctx_ids) :]
+    return _encode(tokenizer, continuation)
 
 
 def _default_max_length(model) -> int:
@@ -403,17 +400,18 @@ def mcq_accuracy(
             questions.append((subject, item))
             context = build_mcq_prompt(item, shots, subject if k_shot else "", mode, tokenizer, score)
             conts = mcq_continuations(item, mode, score)
-            pairs = [_encode_pair(tokenizer, context, c, prefix) for c in conts]
+            ctx_ids = _encode(tokenizer, context)
+            cont_ids = [_encode_continuation(tokenizer, context, ctx_ids, c) for c in conts]
+            ctx_ids = prefix + ctx_ids
             if score == "letter":
-                _check_letters(tokenizer, item, conts, [p[1] for p in pairs])
-                letter_ids = [p[1][0] for p in pairs]
-                ctx = pairs[0][0][-max_length:]
-                requests.append((q, -1, ctx, letter_ids))
+                _check_letters(tokenizer, item, conts, cont_ids)
+                requests.append((q, -1, ctx_ids[-max_length:], [ids[0] for ids in cont_ids]))
             else:
-                for j, (ctx, cont) in enumerate(pairs):
+                for j, cont in enumerate(cont_ids):
+                    if not cont:
+                        continue  # an empty option text cannot be scored; it keeps -inf
                     cont = cont[-(max_length - 1) :]
-                    ctx = ctx[-(max_length - len(cont)) :]
-                    requests.append((q, j, ctx, cont))
+                    requests.append((q, j, ctx_ids[-(max_length - len(cont)) :], cont))
 
     n_choices = [len(item["choices"]) for _, item in questions]
     scores = [[-math.inf] * n for n in n_choices]
@@ -727,7 +725,7 @@ def _run_mcq(model, tokenizer, spec: dict, progress: bool) -> dict:
 
 def parse_task(text: str) -> tuple[str, dict]:
     """`name=type:path` (or `type:path`, named after its type) -> (name, {"type", "path"})."""
-    name, _, rest = text.rpartition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
+    name, _, rest = text.partition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
     kind, sep, path = rest.partition(":")
     if not sep or kind not in _TASK_KEYS or not path:
         raise UserError(f"--tasks {text!r}: expected name=type:path with type one of {', '.join(_TASK_KEYS)}")

@@ -93,7 +93,7 @@ Stages, splits and held-out articles
   other record carries the same text into training; near-copies in older versions of a law are
   left to 01's n-gram decontamination.
 - `eval_articles` further articles are held out for eval/ only. law_mcq.jsonl asks
-  "以下条文出自哪部法律？<excerpt>" for held-out articles (all of them, up to `mcq_size`), with
+  "以下条文出自哪部法律？<excerpt>" for every held-out article, with
   the right law and three other law names as distractors (same legal department where possible;
   never a name that contains the other, like 刑法 / 刑法修正案), the answer at a seeded position.
   law_qa.jsonl holds one law question (recall, source or chapter) for each of `law_qa_size`
@@ -149,8 +149,8 @@ class Config:
     max_excerpt_chars: int = field(default=200, metadata={"help": "law excerpts in questions are cut to this length"})
     max_doc_chars: int = field(default=600, metadata={
         "help": "People's Daily bodies in prompts are cut to this many characters (Wikipedia: twice this)"})
-    eval_articles: int = field(default=250, metadata={"help": "articles held out for eval/ only"})
-    mcq_size: int = field(default=300, metadata={"help": "law_mcq.jsonl items (at most)"})
+    eval_articles: int = field(default=200, metadata={
+        "help": "articles held out for eval/ only (law_mcq.jsonl covers these and the stages' test articles)"})
     law_qa_size: int = field(default=100, metadata={"help": "law_qa.jsonl items (at most)"})
     general_ppl_size: int = field(default=500, metadata={"help": "general_ppl_bench.jsonl texts (at most)"})
 
@@ -387,17 +387,24 @@ def split_units(units: list[tuple[str, list[dict]]], n_train: int, n_test: int, 
     return train[:n_train], test[:n_test], test_ids
 
 
-def test_size(n_train: int, cfg: Config) -> int:
-    return min(cfg.max_test, round(n_train * cfg.test_share / (1 - cfg.test_share)))
+def test_size(n_train: int, units: list[tuple[str, list[dict]]], cfg: Config) -> int:
+    """About `test_share` of the stage (of what it will use, or of the pool if that is smaller), capped."""
+    available = sum(len(exs) for _, exs in units)
+    return min(cfg.max_test, round(n_train * cfg.test_share / (1 - cfg.test_share)),
+               round(available * cfg.test_share))
 
 
 def build_general(wiki: list[dict], pd: list[dict], cfg: Config) -> tuple[list[dict], list[dict], dict]:
     stats = {}
     per_source = []
-    zh_train = round(cfg.general_train * cfg.zh_share)
-    for name, records, make, limit, n_train in (
-        ("wiki_en", wiki, wiki_examples, 2 * cfg.max_doc_chars, cfg.general_train - zh_train),
-        ("peoples_daily", pd, pd_examples, cfg.max_doc_chars, zh_train),
+    zh_share = cfg.zh_share if wiki and pd else (1.0 if pd else 0.0)
+    zh_train = round(cfg.general_train * zh_share)
+    # The stage's test cap is shared between the two sources like its train set.
+    cap = min(cfg.max_test, round(cfg.general_train * cfg.test_share / (1 - cfg.test_share)))
+    zh_cap = round(cap * zh_share)
+    for name, records, make, limit, n_train, max_test in (
+        ("wiki_en", wiki, wiki_examples, 2 * cfg.max_doc_chars, cfg.general_train - zh_train, cap - zh_cap),
+        ("peoples_daily", pd, pd_examples, cfg.max_doc_chars, zh_train, zh_cap),
     ):
         kept = records
         if cfg.relevance_filter:
@@ -411,7 +418,8 @@ def build_general(wiki: list[dict], pd: list[dict], cfg: Config) -> tuple[list[d
             if options:
                 units.append((rec["id"], [rng.choice(options)]))
         rng.shuffle(units)
-        train, test, _ = split_units(units, n_train, test_size(n_train, cfg))
+        n_test = min(max_test, round(len(units) * cfg.test_share))
+        train, test, _ = split_units(units, n_train, n_test)
         per_source.append((train, test))
         stats[name] = {"read": len(records), "kept_relevant": len(kept), "usable": len(units),
                        "train": len(train), "test": len(test)}
@@ -438,8 +446,8 @@ def law_examples(art: dict, unique_text: bool, max_excerpt: int) -> list[dict]:
     return out
 
 
-def law_meta_units(laws: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Law-level questions, one unit per law version (any status)."""
+def law_meta_units(laws: list[dict]) -> tuple[list[tuple[str, list[dict]]], dict[str, str]]:
+    """Law-level questions, one unit per law version (any status), and each unit's law name."""
     by_law: dict[str, dict] = {}
     for art in laws:
         by_law.setdefault(art.get("law_id") or art["law_name"], art)
@@ -518,7 +526,7 @@ def build_law(laws: list[dict], cfg: Config) -> dict:
 
     # Held-out articles are chosen first, for every stage and for eval, so that no train split of
     # any stage contains one.
-    soe_test_n, law_test_n = test_size(cfg.soe_train, cfg), test_size(cfg.law_train, cfg)
+    soe_test_n, law_test_n = test_size(cfg.soe_train, soe_units, cfg), test_size(cfg.law_train, law_units, cfg)
     _, soe_test, soe_ids = split_units(soe_units, 0, soe_test_n, can_hold_out)
     _, law_test, law_ids = split_units(law_units, 0, law_test_n, can_hold_out)
     taken = frozenset(soe_ids) | frozenset(law_ids)
@@ -541,7 +549,7 @@ def build_law(laws: list[dict], cfg: Config) -> dict:
     for name, dept in sorted({(a["law_name"], a.get("department") or "") for a in laws if a.get("status") == CURRENT}):
         by_department[dept].append(name)
     mcq_rng = seeded_rng(cfg.seed, "mcq")
-    mcq_ids = (soe_ids + law_ids + eval_ids)[:cfg.mcq_size]
+    mcq_ids = soe_ids + law_ids + eval_ids
     mcq = [make_mcq(by_id[aid], by_department, names, mcq_rng, cfg.max_excerpt_chars) for aid in mcq_ids]
     qa_rng = seeded_rng(cfg.seed, "law_qa")
     law_qa = [qa_rng.choice(law_examples(by_id[aid], True, cfg.max_excerpt_chars)) for aid in eval_ids[:cfg.law_qa_size]]
@@ -551,10 +559,10 @@ def build_law(laws: list[dict], cfg: Config) -> dict:
         used_by[aid].append("3_soe/test")
     for aid in law_ids:
         used_by[aid].append("2_law/test")
-    for aid in eval_ids:
-        used_by[aid].append("eval")
     for aid in mcq_ids:
         used_by[aid].append("eval/law_mcq")
+    for ex in law_qa:
+        used_by[ex["source_id"]].append("eval/law_qa")
     heldout_rows = [{"id": aid, "law_name": by_id[aid]["law_name"], "article_no": by_id[aid]["article_no"],
                      "text": by_id[aid]["text"], "used_by": sorted(set(used_by[aid]))} for aid in sorted(heldout)]
     stats = {"articles": len(laws), "current_usable": len(current), "soe_articles": len(soe_units),

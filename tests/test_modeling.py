@@ -36,7 +36,8 @@ def test_qlora_4bit_loss_falls_on_cpu(tiny_model_dir):
     assert 0 < trainable < total
     losses = _overfit(model, tok, steps=20, lr=1e-2, dtype=torch.bfloat16)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < 0.8 * losses[0], losses
+    # Falls by a clear margin (0.5 nats) on an overfit batch, not just noise.
+    assert losses[-1] < losses[0] - 0.5, losses
 
 
 def test_merged_logits_equal_adapter_logits(tiny_model_dir, tmp_path):
