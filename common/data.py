@@ -39,12 +39,12 @@ import logging
 import os
 import re
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
+from common.run import atomic_open
 
 logger = logging.getLogger("domain_forge")
 
@@ -533,22 +533,11 @@ def _json_default(obj):
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records as UTF-8 JSON lines, atomically (a reader never sees half a file). Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+            n += 1
     return n
 
 

@@ -12,6 +12,7 @@ the manifest is written last and atomically, so an interrupted run never looks f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -22,7 +23,7 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 from common.errors import UserError
 
@@ -32,20 +33,33 @@ _PACKAGES = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes",
              "llama_cpp_python", "evaluate", "jieba", "rjieba", "datasketch", "datatrove", "gguf")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[TextIO]:
+    """Open a temp file beside `path` for writing; on success rename it over `path`, on error remove it.
+
+    Readers never see half a file, and an interrupted write leaves the old file (or nothing).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        # mkstemp makes 0600 files; give the usual umask-based mode so others on a shared box can read.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -7,7 +7,7 @@ text that `data/provision_demo.py` fetched, with fixed templates, so that every 
 traced back to the record it came from:
 
     1_general  general instructions from Wikipedia (English) and People's Daily (Chinese)
-    2_law      QA about PRC law articles (all law)
+    2_law      QA about PRC law articles (all law but the 3_soe articles)
     3_soe      the same QA restricted to state-owned-asset articles
 
 Run (seconds on a CPU; the same seed gives byte-identical files):
@@ -52,7 +52,8 @@ to ~600 characters; the first line counts as a headline if it is short and has n
 punctuation):
 
     pd_summary        "请概括这篇报道的主要内容。\\n\\n<body>"  -> the lead sentence (first sentence
-                          of the first real paragraph, which in news writing carries the gist)
+                          of the first real paragraph, which in news writing carries the gist),
+                          without its dateline and byline ("本报北京１月１５日讯记者…报道：")
     pd_headline       "请为下面这篇报道拟一个标题。\\n\\n<body>"  -> the headline
     pd_dateline       "这篇报道是哪一天发出的？\\n\\n<body>"  -> the date of its dateline
                           ("本报北京１２月３１日讯" -> "这篇报道于１２月３１日发出。")
@@ -82,22 +83,26 @@ Stages, splits and held-out articles
 - 1_general keeps only documents that pass a keyword relevance filter (SOAEsV2's stage 1 is
   general data relevant to finance, law, business and politics): a document is kept when its text
   contains at least `min_keyword_hits` different keywords from RELEVANCE_KEYWORDS_EN (whole words,
-  any case) or RELEVANCE_KEYWORDS_ZH (substrings). `--relevance_filter false` keeps everything.
-  `zh_share` of the examples come from People's Daily, the rest from Wikipedia.
+  any case, a plural counts as its singular) or RELEVANCE_KEYWORDS_ZH (substrings).
+  `--relevance_filter false` keeps everything. On the demo data the filter keeps ~9% of the
+  Wikipedia pages (country and science pages mostly fail) and ~55% of the People's Daily articles.
+  `zh_share` of the examples come from People's Daily, the rest from Wikipedia (a source that
+  runs short leaves its place to the other).
 - 3_soe uses the articles of 企业国有资产法 and every current article that mentions 国有资产,
   国有企业, 国家出资企业 or 国有独资; its law-level questions are those of laws named …国有资产….
-  2_law uses all other current articles, so each stage brings new articles.
+  2_law uses all other current articles, so each stage brings new articles. The demo data has
+  only ~145 such articles, so 3_soe stays below `soe_train` (~390 train examples).
 - Test splits are held out by unit: an article's (or a document's) questions all go to train or
   all to test. A stage's test set has about `test_share` of its examples, at most `max_test`.
   Only articles whose text occurs once in laws.jsonl (the law_source rule) can be held out, so no
   other record carries the same text into training; near-copies in older versions of a law are
   left to 01's n-gram decontamination.
 - `eval_articles` further articles are held out for eval/ only. law_mcq.jsonl asks
-  "以下条文出自哪部法律？<excerpt>" for every held-out article, with
-  the right law and three other law names as distractors (same legal department where possible;
-  never a name that contains the other, like 刑法 / 刑法修正案), the answer at a seeded position.
-  law_qa.jsonl holds one law question (recall, source or chapter) for each of `law_qa_size`
-  eval-only articles.
+  "以下条文出自哪部法律？<excerpt>" for every held-out article, with the right law and three
+  distractors drawn from the laws that have usable articles (same legal department where
+  possible; never a name that contains the other, like 刑法 / 刑法修正案), the answer at a seeded
+  position. law_qa.jsonl holds one law question (recall, source or chapter, drawn at random) for
+  each of `law_qa_size` eval-only articles.
 
 General retention text
 ----------------------
@@ -111,6 +116,7 @@ general text, so Chinese retention is not measured by perplexity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -124,7 +130,7 @@ from pathlib import Path
 # Run as `python data/make_demo_sft.py` from anywhere: make the repository's `common/` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.data import read_jsonl, write_jsonl  # noqa: E402
+from common.data import write_jsonl  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
 
@@ -166,24 +172,20 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Relevance keywords for 1_general (SOAEsV2 stage 1: finance, law, business, politics).
 
-RELEVANCE_KEYWORDS_EN = [
+RELEVANCE_KEYWORDS_EN = [  # singular forms; a plural counts as its singular (banks -> bank)
     # law
-    "law", "laws", "legal", "legislation", "legislative", "statute", "court", "courts", "judge", "judicial",
-    "justice", "constitution", "constitutional", "lawyer", "crime", "criminal", "regulation", "regulations",
-    "contract", "treaty", "rights",
+    "law", "legal", "legislation", "legislative", "statute", "court", "judge", "judicial", "justice",
+    "constitution", "constitutional", "lawyer", "crime", "criminal", "regulation", "contract", "treaty", "rights",
     # finance
-    "finance", "financial", "bank", "banks", "banking", "economy", "economic", "economics", "tax", "taxes",
-    "taxation", "currency", "monetary", "investment", "investor", "investors", "stock", "stocks", "market",
-    "markets", "trade", "inflation", "debt", "credit", "budget", "fiscal", "insurance", "accounting", "asset",
-    "assets", "capital",
+    "finance", "financial", "bank", "banking", "economy", "economic", "economics", "tax", "taxation", "currency",
+    "monetary", "investment", "investor", "stock", "market", "trade", "inflation", "debt", "credit", "budget",
+    "fiscal", "insurance", "accounting", "asset",
     # business
-    "business", "businesses", "company", "companies", "corporation", "corporate", "enterprise", "enterprises",
-    "industry", "industrial", "commercial", "commerce", "revenue", "profit", "shareholder", "shareholders",
-    "privatization", "state-owned", "subsidiary",
+    "business", "company", "corporation", "corporate", "enterprise", "industry", "industrial", "commercial",
+    "commerce", "revenue", "profit", "shareholder", "privatization", "state-owned", "subsidiary",
     # politics
-    "government", "political", "politics", "politician", "parliament", "congress", "election", "elections",
-    "president", "minister", "policy", "policies", "democracy", "democratic", "republic", "administration",
-    "sovereignty", "diplomatic", "reform", "reforms",
+    "government", "political", "politics", "politician", "parliament", "congress", "election", "president",
+    "minister", "policy", "democracy", "democratic", "administration", "sovereignty", "diplomatic", "reform",
 ]
 RELEVANCE_KEYWORDS_ZH = [
     # law
@@ -196,12 +198,23 @@ RELEVANCE_KEYWORDS_ZH = [
     # politics
     "政府", "国务院", "政策", "人民代表大会", "人大", "政协", "中共中央", "党委", "外交", "总理", "部长", "选举",
 ]
-_EN_KEYWORD_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in RELEVANCE_KEYWORDS_EN) + r")\b", re.I)
+_EN_KEYWORDS = frozenset(RELEVANCE_KEYWORDS_EN)
+_EN_WORD_RE = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
+
+
+@functools.lru_cache(maxsize=None)
+def _en_keyword(word: str) -> str | None:
+    word = word.lower()
+    for stem in (word, word[:-3] + "y" if word.endswith("ies") else "", word[:-2] if word.endswith("es") else "",
+                 word[:-1] if word.endswith("s") else ""):
+        if stem in _EN_KEYWORDS:
+            return stem
+    return None
 
 
 def keyword_hits(text: str) -> int:
     """How many different relevance keywords (English or Chinese) the text contains."""
-    en = {m.lower() for m in _EN_KEYWORD_RE.findall(text)}
+    en = {_en_keyword(w) for w in _EN_WORD_RE.findall(text)} - {None}
     zh = sum(1 for k in RELEVANCE_KEYWORDS_ZH if k in text)
     return len(en) + zh
 
@@ -293,12 +306,21 @@ def seeded_rng(seed: int, *salt: str) -> random.Random:
 
 
 def read_raw(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """A JSONL file of provision_demo.py; any bad line stops with `file:line: reason`."""
     records = []
-    for n, rec in enumerate(read_jsonl(path), 1):
-        missing = [k for k in required if not isinstance(rec.get(k), str)]
-        if missing:
-            raise UserError(f"{path}:{n}: missing field '{missing[0]}' (fields: {', '.join(rec)})")
-        records.append(rec)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            missing = [k for k in required if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
+            if missing:
+                fields = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
+                raise UserError(f"{path}:{n}: missing field '{missing[0]}' (fields: {fields})")
+            records.append(rec)
     return records
 
 
@@ -325,7 +347,7 @@ def wiki_examples(rec: dict, max_chars: int) -> list[dict]:
         answer = description[0].upper() + description[1:]
         answer = answer if answer.endswith(".") else answer + "."
         out.append(example(f"{rid}:short", "wiki_short", rid, f"In a few words, what is {title}?", answer))
-    if len(sentences) >= 3 and len(text) <= 2 * max_chars:
+    if len(sentences) >= 3 and len(text) <= max_chars:
         out.append(example(f"{rid}:summarize", "wiki_summarize", rid,
                            f"Summarize the following paragraph in one sentence.\n\n{text}", sentences[0]))
     return out
@@ -333,7 +355,10 @@ def wiki_examples(rec: dict, max_chars: int) -> list[dict]:
 
 _PHOTO_NOTE_RE = re.compile(r"[（(](附?图片?[^）)]{0,8}|传真照片)[）)]$")
 _DATELINE_RE = re.compile(
-    r"^(?:本报|新华社|中新社)[^，。\s]{0,12}?\s*([０-９0-9一二三四五六七八九十〇]{1,3}月[０-９0-9一二三四五六七八九十〇]{1,3}日)(?:电|讯)")
+    r"^据?(?:本报|新华社|中新社)[^，。\s]{0,12}?\s*([０-９0-9一二三四五六七八九十〇]{1,3}月[０-９0-9一二三四五六七八九十〇]{1,3}日)(?:电|讯)")
+# "本报北京１月１５日讯记者杨明方、向兵报道：", "据新华社伦敦１月８日电（记者王诚）": not part of a summary.
+_BYLINE_RE = re.compile(r"^据?(?:本报|新华社|中新社)[^，。：]{0,20}?(?:电|讯)\s*(?:[（(][^）)]{0,30}[）)])?\s*"
+                        r"(?:(?:本报)?记者[^，。：]{0,20}?报道[：:])?\s*")
 
 
 def pd_examples(rec: dict, max_chars: int) -> list[dict]:
@@ -353,8 +378,9 @@ def pd_examples(rec: dict, max_chars: int) -> list[dict]:
         return []
     out = []
     lead = zh_first_sentence(lead_paragraph)
-    if lead and 15 <= len(lead) <= 150 and lead in body:
-        out.append(example(f"{rid}:summary", "pd_summary", rid, f"请概括这篇报道的主要内容。\n\n{body}", lead))
+    summary = _BYLINE_RE.sub("", lead)
+    if 15 <= len(summary) <= 150 and lead in body:
+        out.append(example(f"{rid}:summary", "pd_summary", rid, f"请概括这篇报道的主要内容。\n\n{body}", summary))
     if headline:
         out.append(example(f"{rid}:headline", "pd_headline", rid, f"请为下面这篇报道拟一个标题。\n\n{body}", headline))
     m = _DATELINE_RE.match(lead_paragraph)
@@ -387,7 +413,7 @@ def split_units(units: list[tuple[str, list[dict]]], n_train: int, n_test: int, 
     return train[:n_train], test[:n_test], test_ids
 
 
-def test_size(n_train: int, units: list[tuple[str, list[dict]]], cfg: Config) -> int:
+def held_out_size(n_train: int, units: list[tuple[str, list[dict]]], cfg: Config) -> int:
     """About `test_share` of the stage (of what it will use, or of the pool if that is smaller), capped."""
     available = sum(len(exs) for _, exs in units)
     return min(cfg.max_test, round(n_train * cfg.test_share / (1 - cfg.test_share)),
@@ -395,36 +421,41 @@ def test_size(n_train: int, units: list[tuple[str, list[dict]]], cfg: Config) ->
 
 
 def build_general(wiki: list[dict], pd: list[dict], cfg: Config) -> tuple[list[dict], list[dict], dict]:
-    stats = {}
-    per_source = []
-    zh_share = cfg.zh_share if wiki and pd else (1.0 if pd else 0.0)
-    zh_train = round(cfg.general_train * zh_share)
-    # The stage's test cap is shared between the two sources like its train set.
-    cap = min(cfg.max_test, round(cfg.general_train * cfg.test_share / (1 - cfg.test_share)))
-    zh_cap = round(cap * zh_share)
-    for name, records, make, limit, n_train, max_test in (
-        ("wiki_en", wiki, wiki_examples, 2 * cfg.max_doc_chars, cfg.general_train - zh_train, cap - zh_cap),
-        ("peoples_daily", pd, pd_examples, cfg.max_doc_chars, zh_train, zh_cap),
-    ):
-        kept = records
-        if cfg.relevance_filter:
-            def doc_text(r):
-                return " ".join(str(r.get(k) or "") for k in ("title", "description", "text"))
-            kept = [r for r in records if keyword_hits(doc_text(r)) >= cfg.min_keyword_hits]
+    def doc_text(r: dict) -> str:
+        return " ".join(str(r.get(k) or "") for k in ("title", "description", "text"))
+
+    sources = {"wiki_en": (wiki, wiki_examples, 2 * cfg.max_doc_chars),
+               "peoples_daily": (pd, pd_examples, cfg.max_doc_chars)}
+    units, stats = {}, {}
+    for name, (records, make, limit) in sources.items():
+        kept = [r for r in records if keyword_hits(doc_text(r)) >= cfg.min_keyword_hits] \
+            if cfg.relevance_filter else records
         rng = seeded_rng(cfg.seed, "general", name)
-        units = []
+        units[name] = []
         for rec in sorted(kept, key=lambda r: r["id"]):
             options = make(rec, limit)
             if options:
-                units.append((rec["id"], [rng.choice(options)]))
-        rng.shuffle(units)
-        n_test = min(max_test, round(len(units) * cfg.test_share))
-        train, test, _ = split_units(units, n_train, n_test)
-        per_source.append((train, test))
-        stats[name] = {"read": len(records), "kept_relevant": len(kept), "usable": len(units),
-                       "train": len(train), "test": len(test)}
-    train = [ex for tr, _ in per_source for ex in tr]
-    test = [ex for _, te in per_source for ex in te]
+                units[name].append((rec["id"], [rng.choice(options)]))
+        rng.shuffle(units[name])
+        stats[name] = {"read": len(records), "kept_relevant": len(kept), "usable": len(units[name])}
+
+    # Train and test are shared between the sources by zh_share; a source that runs short leaves
+    # its place to the other.
+    zh_share = cfg.zh_share if units["wiki_en"] and units["peoples_daily"] else (1.0 if units["peoples_daily"] else 0.0)
+    cap = min(cfg.max_test, round(cfg.general_train * cfg.test_share / (1 - cfg.test_share)))
+    n_test = {"peoples_daily": round(cap * zh_share)}
+    n_test["wiki_en"] = cap - n_test["peoples_daily"]
+    n_test = {name: min(n, round(len(units[name]) * cfg.test_share)) for name, n in n_test.items()}
+    room = {name: len(units[name]) - n_test[name] for name in units}
+    zh_train = min(round(cfg.general_train * zh_share), room["peoples_daily"])
+    en_train = min(cfg.general_train - zh_train, room["wiki_en"])
+    zh_train = min(cfg.general_train - en_train, room["peoples_daily"])
+    train, test = [], []
+    for name, n_train in (("wiki_en", en_train), ("peoples_daily", zh_train)):
+        tr, te, _ = split_units(units[name], n_train, n_test[name])
+        train += tr
+        test += te
+        stats[name].update(train=len(tr), test=len(te))
     return train, test, stats
 
 
@@ -484,6 +515,8 @@ def make_mcq(art: dict, names_by_department: dict[str, list[str]], all_names: li
     right = art["law_name"]
     same = [n for n in names_by_department.get(art.get("department") or "", []) if distinct_laws(n, right)]
     others = [n for n in all_names if distinct_laws(n, right) and n not in same]
+    if len(same) + len(others) < 3:
+        raise UserError(f"law_mcq needs at least 4 different laws with usable articles, found {len(all_names)}")
     distractors = rng.sample(same, min(3, len(same)))
     distractors += rng.sample(others, 3 - len(distractors))
     rng.shuffle(distractors)
@@ -526,9 +559,8 @@ def build_law(laws: list[dict], cfg: Config) -> dict:
 
     # Held-out articles are chosen first, for every stage and for eval, so that no train split of
     # any stage contains one.
-    soe_test_n, law_test_n = test_size(cfg.soe_train, soe_units, cfg), test_size(cfg.law_train, law_units, cfg)
-    _, soe_test, soe_ids = split_units(soe_units, 0, soe_test_n, can_hold_out)
-    _, law_test, law_ids = split_units(law_units, 0, law_test_n, can_hold_out)
+    _, soe_test, soe_ids = split_units(soe_units, 0, held_out_size(cfg.soe_train, soe_units, cfg), can_hold_out)
+    _, law_test, law_ids = split_units(law_units, 0, held_out_size(cfg.law_train, law_units, cfg), can_hold_out)
     taken = frozenset(soe_ids) | frozenset(law_ids)
     eval_ids = [uid for uid, _ in units_of(current, "eval") if uid not in taken and can_hold_out(uid)]
     eval_ids = eval_ids[:cfg.eval_articles]
@@ -544,15 +576,17 @@ def build_law(laws: list[dict], cfg: Config) -> dict:
     law_train = train_for(law_units, meta_units, cfg.law_train)
 
     # eval/: MCQ over every held-out article, one generation question per eval-only article.
-    names = sorted({a["law_name"] for a in laws if a.get("status") == CURRENT})
+    # Distractors are laws that themselves have usable articles (not amendments or decisions).
+    names = sorted({a["law_name"] for a in current})
     by_department: dict[str, list[str]] = defaultdict(list)
-    for name, dept in sorted({(a["law_name"], a.get("department") or "") for a in laws if a.get("status") == CURRENT}):
+    for name, dept in sorted({(a["law_name"], a.get("department") or "") for a in current}):
         by_department[dept].append(name)
     mcq_rng = seeded_rng(cfg.seed, "mcq")
     mcq_ids = soe_ids + law_ids + eval_ids
     mcq = [make_mcq(by_id[aid], by_department, names, mcq_rng, cfg.max_excerpt_chars) for aid in mcq_ids]
     qa_rng = seeded_rng(cfg.seed, "law_qa")
-    law_qa = [qa_rng.choice(law_examples(by_id[aid], True, cfg.max_excerpt_chars)) for aid in eval_ids[:cfg.law_qa_size]]
+    law_qa = [qa_rng.choice(law_examples(by_id[aid], True, cfg.max_excerpt_chars))
+              for aid in eval_ids[:cfg.law_qa_size]]
 
     used_by: dict[str, list[str]] = defaultdict(list)
     for aid in soe_ids:
@@ -576,16 +610,16 @@ def build_law(laws: list[dict], cfg: Config) -> dict:
 
 
 def bench_texts(bench_dir: Path, cfg: Config) -> list[dict]:
+    """Each benchmark item as one text: its question followed by its correct answer."""
     rows = []
     for path in sorted(bench_dir.glob("*.jsonl")):
-        for n, rec in enumerate(read_jsonl(path), 1):
-            letter = str(rec.get("answer") or "").strip()[:1]
-            question, answer = rec.get("question"), rec.get(letter)
-            if not isinstance(question, str) or not isinstance(answer, str):
-                raise UserError(f"{path}:{n}: expected question, options A, B, ... and an answer letter "
+        for n, rec in enumerate(read_raw(path, ("question", "answer")), 1):
+            answer = rec.get(rec["answer"].strip())
+            if not isinstance(answer, str):
+                raise UserError(f"{path}: item {n}: answer {rec['answer']!r} names no option "
                                 f"(fields: {', '.join(rec)})")
-            text = f"{question.strip()} {answer.strip()}".strip()
-            if len(text) >= 20:
+            text = f"{rec['question'].strip()} {answer.strip()}".strip()
+            if len(text) >= 20:  # PIQA has goals like "dresser"
                 rows.append({"id": f"{path.stem}-{n}", "text": text, "source": path.stem})
     seeded_rng(cfg.seed, "general_ppl").shuffle(rows)
     return rows[:cfg.general_ppl_size]
