@@ -155,7 +155,7 @@ def _parse_mcq_item(raw: dict, path: Path, line: int) -> dict:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         answer = LETTERS[answer]  # HF-style integer label
     answer = "" if answer is None else str(answer).strip().upper()
-    if answer not in LETTERS[: len(choices)]:
+    if answer not in list(LETTERS[: len(choices)]):  # a list: "" is in every string
         raise UserError(f"{where}: answer {answer!r} is not one of {', '.join(LETTERS[: len(choices)])}")
     question = raw[by_name["question"]]
     if question is None:
@@ -163,11 +163,17 @@ def _parse_mcq_item(raw: dict, path: Path, line: int) -> dict:
     return {"question": str(question).strip(), "choices": choices, "answer": answer, "source": str(path), "line": line}
 
 
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    try:
+        return list(_read_jsonl(path) if path.suffix in (".jsonl", ".json") else _read_csv(path))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def read_mcq_file(path: str | os.PathLike) -> list[dict]:
     """Items of one MCQ file: dicts with question, choices (list), answer (letter), source, line."""
     path = Path(path)
-    rows = _read_jsonl(path) if path.suffix in (".jsonl", ".json") else _read_csv(path)
-    items = [_parse_mcq_item(raw, path, line) for line, raw in rows]
+    items = [_parse_mcq_item(raw, path, line) for line, raw in _rows(path)]
     if not items:
         raise UserError(f"{path}: no questions (empty subject)")
     return items
@@ -230,7 +236,8 @@ def find_dev(path_or_dir: str | os.PathLike) -> dict[str, list[dict]] | None:
     """The dev split next to an MCQ test set, or None when there is none.
 
     Looks for a `dev/` subfolder or `*_dev.*` files in a folder; for a single file `x_test.csv`,
-    for `x_dev.csv` beside it or in a sibling `dev/` folder.
+    for `x_dev.csv` beside it, or for `x_dev.csv` / `x.csv` in a `dev/` folder next to its
+    split folder (MMLU `data/test/x_test.csv`, CMMLU `test/x.csv`).
     """
     path = Path(path_or_dir)
     if path.is_dir():
@@ -240,10 +247,13 @@ def find_dev(path_or_dir: str | os.PathLike) -> dict[str, list[dict]] | None:
             return load_mcq(path, "dev")
         return None
     subject = subject_name(path)
-    for folder in (path.parent, path.parent.parent / "dev"):
+    stems = [path.parent / f"{subject}_dev"]
+    if path.parent.name in SPLITS:
+        stems += [path.parent.parent / "dev" / f"{subject}_dev", path.parent.parent / "dev" / subject]
+    for stem in stems:
         for ext in MCQ_EXTS:
-            candidate = folder / f"{subject}_dev{ext}"
-            if candidate.is_file() and candidate != path:
+            candidate = stem.with_name(stem.name + ext)
+            if candidate.is_file() and candidate.resolve() != path.resolve():
                 return {subject: read_mcq_file(candidate)}
     return None
 
@@ -374,14 +384,17 @@ def mcq_accuracy(
     `score="option"`: one sequence per option; the prediction maximizes the option's summed
     log-likelihood divided by its length in characters. Ties go to the earlier option. Contexts
     longer than `max_length` (default: the model's max_position_embeddings) lose their start.
+    With k_shot > 0 the prompt opens with MMLU's "The following are ... about <subject>." line
+    (the subject is the file name); zero-shot prompts are the bare question.
     """
     import torch
 
     if k_shot and dev_by_subject is None:
         raise UserError(f"k_shot={k_shot} needs a dev split (dev_by_subject)")
-    mcq_continuations({"choices": ["", ""]}, mode, score)  # validates mode/score early
     if mode not in ("plain", "chat"):
         raise ValueError(f"mode must be 'plain' or 'chat', got {mode!r}")
+    if score not in ("letter", "option"):
+        raise ValueError(f"score must be 'letter' or 'option', got {score!r}")
     max_length = max_length or _default_max_length(model)
     prefix = [tokenizer.bos_token_id] if mode == "plain" and tokenizer_adds_bos(tokenizer) else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -473,25 +486,21 @@ def _check_letters(tokenizer, item: dict, conts: list[str], encoded: list[list[i
 
 
 def record_messages(record, where: str = "record") -> list[dict]:
-    """Chat messages of an eval record: a list of messages, {"messages": [...]}, or another form
-    `common.data.to_messages` knows (prompt/completion, instruction/input/output)."""
+    """Chat messages of an eval record: a message list, or any record form `common.data.to_messages`
+    reads (messages, conversations, prompt/completion, instruction/input/output, question/answer)."""
+    from common.data import to_messages
+
     if isinstance(record, list):
         messages = record
-    elif isinstance(record, dict) and "messages" in record:
-        messages = record["messages"]
-    else:
-        try:
-            from common.data import to_messages
-        except ImportError:
-            raise UserError(f"{where}: expected chat messages (a list, or a 'messages' field)") from None
+    elif isinstance(record, dict):
         try:
             messages = to_messages(record)
-        except UserError:
-            raise
-        except Exception as e:  # to_messages reports malformed records with its own error type
+        except ValueError as e:
             raise UserError(f"{where}: {e}") from None
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise UserError(f"{where}: messages must be a list of {{'role', 'content'}} objects")
+    else:
+        raise UserError(f"{where}: expected chat messages or a record object, got {type(record).__name__}")
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise UserError(f"{where}: messages must be {{'role', 'content'}} objects")
     return messages
 
 
@@ -621,7 +630,7 @@ def read_texts(path: str | os.PathLike, text_field: str = "text", limit: int | N
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     texts = []
-    for line, obj in _read_jsonl(path):
+    for line, obj in _rows(path):
         if limit is not None and len(texts) >= limit:
             break
         if text_field not in obj:
@@ -653,7 +662,7 @@ def read_gen_records(path: str | os.PathLike, limit: int | None = None) -> list:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     records = []
-    for line, obj in _read_jsonl(path):
+    for line, obj in _rows(path):
         if limit is not None and len(records) >= limit:
             break
         records.append({**obj, "_source": str(path), "_line": line})
