@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before anything imports transformers/datasets: no hub (a hub id would retry for ~47 s), one thread
 # (on a loaded 2-core box one thread made tiny-model steps 10-100x faster), no progress bars.
@@ -13,6 +14,8 @@ os.environ["HF_EVALUATE_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["DF_NO_PROGRESS"] = "1"
+# evaluate copies local metric modules into a cache: keep tests out of the user's ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="df-hf-modules-"))
 
 import sys
 from pathlib import Path
