@@ -541,13 +541,13 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Strictly read a JSONL file we wrote: any bad line raises `UserError` naming file:line."""
+def read_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """`read_jsonl`, with each record's line number: (line, record), for callers that report `file:line`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
 
-    def records() -> Iterator[dict]:
+    def records() -> Iterator[tuple[int, dict]]:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -558,9 +558,14 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                     raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path}:{n}: not a JSON object")
-                yield obj
+                yield n, obj
 
     return records()
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Strictly read a JSONL file we wrote: any bad line raises `UserError` naming file:line."""
+    return (obj for _, obj in read_jsonl_numbered(path))
 
 
 # ---------------------------------------------------------------------------------------------

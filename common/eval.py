@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 from common.errors import UserError
 from common.metrics import _progress, input_device, text_metrics, tokenizer_adds_bos
 from common.metrics import perplexity as _perplexity
+from common.run import atomic_write_json
 
 LETTERS = "ABCDEFGHIJ"
 SPLITS = ("dev", "val", "test", "train")
@@ -624,18 +625,24 @@ def generation_eval(
 # Perplexity of a file
 
 
-def read_texts(path: str | os.PathLike, text_field: str = "text", limit: int | None = None) -> list[str]:
-    """The `text_field` of each record of a jsonl (or json list) file."""
+def _first_rows(path: str | os.PathLike, limit: int | None) -> list[tuple[int, dict]]:
+    """(line, object) for the first `limit` records of a jsonl / json-list file (all when None)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    return _rows(path)[:limit]
+
+
+def read_texts(path: str | os.PathLike, text_field: str = "text", limit: int | None = None) -> list[str]:
+    """The `text_field` of each record of a jsonl (or json list) file."""
     texts = []
-    for line, obj in _rows(path):
-        if limit is not None and len(texts) >= limit:
-            break
+    for line, obj in _first_rows(path, limit):
         if text_field not in obj:
             raise UserError(f"{path}:{line}: missing field {text_field!r} (fields: {', '.join(obj)})")
-        texts.append(str(obj[text_field]))
+        if not isinstance(obj[text_field], str):
+            # str() would score "None" or "123" as if it were the document.
+            raise UserError(f"{path}:{line}: field {text_field!r} is {type(obj[text_field]).__name__}, not text")
+        texts.append(obj[text_field])
     return texts
 
 
@@ -658,15 +665,7 @@ def ppl_eval(
 
 
 def read_gen_records(path: str | os.PathLike, limit: int | None = None) -> list:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    records = []
-    for line, obj in _rows(path):
-        if limit is not None and len(records) >= limit:
-            break
-        records.append({**obj, "_source": str(path), "_line": line})
-    return records
+    return [{**obj, "_source": str(path), "_line": line} for line, obj in _first_rows(path, limit)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,11 +786,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
     results = evaluate_model(model, tokenizer, tasks)
     report = {"model": str(args.model), "tasks": tasks, "results": results}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_json(args.output, report)
     summary = {name: {k: v for k, v in r.items() if k not in ("samples", "predictions", "acc_by_subject")} for name, r in results.items()}
     print(json.dumps(summary, ensure_ascii=False, indent=2))
     return report

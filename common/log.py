@@ -115,10 +115,10 @@ class MetricsLogger:
     def log(self, step: int, **metrics: Any) -> None:
         if not self.enabled:
             return
-        line = " | ".join([f"step {step}"] + [_fmt(k, v) for k, v in metrics.items()])
-        self.logger.info(line)
+        # Plain Python numbers: a 0-d tensor would print as "tensor(2.3)", and numpy ints are not JSON.
+        values = {k: (v.item() if isinstance(v, (np.generic, torch.Tensor)) else v) for k, v in metrics.items()}
+        self.logger.info(" | ".join([f"step {step}"] + [_fmt(k, v) for k, v in values.items()]))
         if self.path:
-            record = {"step": step, **{k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v)
-                                       for k, v in metrics.items()}}
+            record = {"step": step, **values}
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -177,12 +177,9 @@ def input_device(model):
 
 
 def _progress(iterable, total, desc):
-    try:
-        from common.log import progress
-    except ImportError:
-        from tqdm.auto import tqdm
+    # Imported here: common.log pulls in torch, which ROUGE/BLEU callers (the evaluate module) do not need.
+    from common.log import progress
 
-        return tqdm(iterable, total=total, desc=desc, mininterval=1.0)
     return progress(iterable, total=total, desc=desc)
 
 

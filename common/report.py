@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.eval import domain_gain
 from common.run import MANIFEST, STAGES, atomic_write_text, sha256_file
 
 SOAESV2 = "SOAEsV2 (arXiv 2505.04723)"
@@ -92,6 +93,8 @@ _SKIP_KEYS = {"samples", "predictions", "references", "texts", "outputs_text"}
 _NAME_KEYS = ("name", "stage", "method", "variant", "label", "backend", "run")
 _VALUE_LABEL_KEYS = ("replay_ratio", "ratio", "k")
 _MAX_JSON_BYTES = 8 << 20
+_RATIO_KEYS = ("replay_ratio", "ratio", "replay", "replay_share")  # last key part naming a sweep row's ratio
+_PICKED_KEYS = ("picked_replay", "chosen_replay", "selected_replay", "best_replay")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +300,7 @@ def read_stage(run_dir: Path, name: str) -> Stage:
 
 def _ratio_of(flat: dict[str, Any], name: str = "") -> float | None:
     for key, value in flat.items():
-        if key.split(".")[-1].lower() in ("replay_ratio", "ratio", "replay", "replay_share") and number(value) is not None:
+        if key.split(".")[-1].lower() in _RATIO_KEYS and number(value) is not None:
             return number(value)
     m = re.search(r"(\d+(?:\.\d+)?)", name)
     if m:
@@ -371,15 +374,21 @@ def _is_before_after(key: str) -> bool:
     return any(c in ("before", "after") or re.search(r"(^|_)(before|after)($|_)", c) for c in key.lower().split("."))
 
 
+def _headline(flat: dict[str, Any], word: str, ok=None) -> tuple[str, float] | None:
+    """(key, value) of the least nested, shortest key containing `word` whose value is a number passing `ok`."""
+    found = [(k, number(v)) for k, v in flat.items()
+             if word in k.lower() and number(v) is not None and not _is_before_after(k)
+             and (ok is None or ok(number(v)))]
+    return min(found, key=lambda kv: (kv[0].count("."), len(kv[0]))) if found else None
+
+
 def pick(stage: Stage, word: str, ok=None) -> tuple[str, float] | None:
     """The headline value of a metric whose key contains `word` (and whose value passes `ok`):
     the least nested, shortest key, from the manifest's metrics first, then the stage's own files."""
     for flat in stage.sources.values():
-        found = [(k, number(v)) for k, v in flat.items()
-                 if word in k.lower() and number(v) is not None and not _is_before_after(k)
-                 and (ok is None or ok(number(v)))]
-        if found:
-            return min(found, key=lambda kv: (kv[0].count("."), len(kv[0])))
+        hit = _headline(flat, word, ok)
+        if hit:
+            return hit
     return None
 
 
@@ -508,7 +517,7 @@ def progressive_vs_single(rows: dict[str, dict[str, float]]) -> list[tuple[str, 
         for metric in ("ROUGE-1", "BLEU-4"):
             p, b = rows[prog].get(metric), base.get(metric)
             if p is not None and b not in (None, 0.0):
-                out.append((metric, prog, base_label, p / b))
+                out.append((metric, prog, base_label, domain_gain(b, p, "rouge1" if metric == "ROUGE-1" else "bleu4")))
     return out
 
 
@@ -541,7 +550,7 @@ def key_figures(stage: Stage) -> list[list[str]]:
         rows.append([f"domain gain (`{hit[0]}`)", fmt_times(hit[1]), paper, src])
     if stage.name in ("01_corpus", "02_cpt"):
         hit = None
-        for word in ("picked_replay", "chosen_replay", "selected_replay", "best_replay", "replay"):
+        for word in (*_PICKED_KEYS, "replay"):
             hit = pick(stage, word, ok=lambda v: 0.0 <= v <= 1.0)  # a share, not a count of replayed docs
             if hit:
                 break
@@ -689,8 +698,8 @@ def plot_overview(stages: list[Stage], path: Path) -> bool:
 
 
 def _row_pick(row: dict[str, Any], word: str) -> float | None:
-    found = [(k, number(v)) for k, v in row.items() if word in k.lower() and number(v) is not None and not _is_before_after(k)]
-    return min(found, key=lambda kv: (kv[0].count("."), len(kv[0])))[1] if found else None
+    hit = _headline(row, word)
+    return hit[1] if hit else None
 
 
 def plot_sweep(stage: Stage, path: Path) -> bool:
@@ -788,11 +797,11 @@ def _sweep_section(stage: Stage, plot_ok: bool) -> list[str]:
     keys: list[str] = []
     for row in stage.sweep:
         keys += [k for k, v in row.items() if k not in keys and not k.startswith("_") and number(v) is not None
-                 and k.split(".")[-1].lower() not in ("replay_ratio", "ratio", "replay", "replay_share")]
+                 and k.split(".")[-1].lower() not in _RATIO_KEYS]
     preferred = [k for k in keys if any(w in k.lower() for w in ("retention", "domain_gain", "ppl", "acc"))]
     cols = (preferred + [k for k in keys if k not in preferred])[: MAX_COLS - 2]
     picked = None
-    for word in ("picked_replay", "chosen_replay", "selected_replay", "best_replay"):
+    for word in _PICKED_KEYS:
         hit = pick(stage, word)
         if hit:
             picked = hit[1]

@@ -29,6 +29,7 @@ from common.errors import UserError
 
 STAGES = ("01_corpus", "02_cpt", "03_sft", "04_distill", "05_spec")
 MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
 _PACKAGES = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "accelerate",
              "llama_cpp_python", "evaluate", "jieba", "rjieba", "datasketch", "datatrove", "gguf")
 
@@ -166,7 +167,10 @@ class StageRun:
         if overwrite and resume:
             raise UserError("--overwrite and --resume exclude each other")
         # Only the main process judges and prepares the folder; other ranks would race with it.
-        exists = self.is_main and self.output_dir.exists() and any(self.output_dir.iterdir())
+        # A lone config.yaml is what a run that failed before writing anything leaves (bad input,
+        # unfinished upstream): the corrected rerun must not need --overwrite for it.
+        exists = self.is_main and self.output_dir.exists() and any(
+            p.name != CONFIG for p in self.output_dir.iterdir())
         if exists and not (overwrite or resume):
             raise UserError(f"{self.output_dir} is not empty; pass --overwrite to replace it or --resume to continue")
         if self.is_main:
@@ -178,7 +182,7 @@ class StageRun:
             if cfg is not None:
                 from common.config import save_config
 
-                save_config(cfg, self.output_dir / "config.yaml")
+                save_config(cfg, self.output_dir / CONFIG)
 
     def add_input(self, name: str, path: str | Path, upstream: bool = False) -> dict[str, Any] | None:
         """Record an input; with upstream=True, require and fingerprint its complete manifest."""

@@ -118,7 +118,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import random
 import re
 import sys
@@ -130,7 +129,7 @@ from pathlib import Path
 # Run as `python data/make_demo_sft.py` from anywhere: make the repository's `common/` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.data import write_jsonl  # noqa: E402
+from common.data import read_jsonl_numbered, write_jsonl  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
 
@@ -308,19 +307,11 @@ def seeded_rng(seed: int, *salt: str) -> random.Random:
 def read_raw(path: Path, required: tuple[str, ...]) -> list[dict]:
     """A JSONL file of provision_demo.py; any bad line stops with `file:line: reason`."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            missing = [k for k in required if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
-            if missing:
-                fields = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
-                raise UserError(f"{path}:{n}: missing field '{missing[0]}' (fields: {fields})")
-            records.append(rec)
+    for n, rec in read_jsonl_numbered(path):
+        missing = [k for k in required if not isinstance(rec.get(k), str)]
+        if missing:
+            raise UserError(f"{path}:{n}: missing field '{missing[0]}' (fields: {', '.join(rec)})")
+        records.append(rec)
     return records
 
 

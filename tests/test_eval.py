@@ -4,15 +4,6 @@ a tiny random Llama whose head is rigged so the right answer is known in advance
 
 import json
 import math
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import sys
-import types
 
 import pytest
 import torch
@@ -398,6 +389,10 @@ def test_evaluate_model(tmp_path):
         ev.evaluate_model(model, tok, {"b": {"type": "mcq", "path": str(mcq), "k_shot": 1}}, progress=False)
     with pytest.raises(UserError, match=r"val\.jsonl:1: missing field 'body' \(fields: text\)"):
         ev.evaluate_model(model, tok, {"v": {"type": "ppl", "path": str(ppl), "text_field": "body"}}, progress=False)
+    bad = write(tmp_path / "null.jsonl", '{"text": "a real document"}\n{"text": null}\n')
+    with pytest.raises(UserError, match=r"null\.jsonl:2: field 'text' is NoneType, not text"):
+        ev.read_texts(bad)
+    assert ev.read_texts(bad, limit=1) == ["a real document"]
 
 
 def test_parse_task():
@@ -408,21 +403,12 @@ def test_parse_task():
             ev.parse_task(bad)
 
 
-def test_cli(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_cli(tmp_path):
     texts, ppl, mcq, gen = task_files(tmp_path)
     tok = make_tokenizer(chat=True)
     model = make_model(tok, favour="B")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    try:
-        import common.modeling  # noqa: F401  (the real loader, once it exists)
-    except ImportError:
-        stub = types.ModuleType("common.modeling")
-        stub.load_tokenizer = lambda path: AutoTokenizer.from_pretrained(path)
-        stub.load_model = lambda path, quantization="none", dtype="auto", device="auto": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        monkeypatch.setitem(sys.modules, "common.modeling", stub)
     out = tmp_path / "out" / "eval.json"
     ev.main([
         "--model", str(tmp_path / "model"), "--tasks", f"val=ppl:{ppl}", f"bench=mcq:{mcq}", "--tasks", f"qa=gen:{gen}",

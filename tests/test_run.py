@@ -69,6 +69,19 @@ def test_refuses_non_empty_output_without_flag(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
+def test_rerun_after_early_failure_needs_no_flag(tmp_path):
+    # A stage that fails right after StageRun (e.g. its upstream is unfinished) leaves only config.yaml.
+    out = tmp_path / "02_cpt"
+    StageRun("02_cpt", out, Cfg())
+    with pytest.raises(UserError, match="does not exist"):
+        StageRun("02_cpt", out, Cfg()).add_input("corpus", tmp_path / "01_corpus", upstream=True)
+    StageRun("02_cpt", out, Cfg(name="y"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["name"] == "y"
+    (out / "partial.bin").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        StageRun("02_cpt", out, Cfg())
+
+
 def test_missing_output_never_marked_complete(tmp_path):
     run = StageRun("01_corpus", tmp_path / "o", Cfg())
     with pytest.raises(RuntimeError, match="outputs missing"):

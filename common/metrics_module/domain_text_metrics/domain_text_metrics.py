@@ -17,7 +17,7 @@ that folder on PYTHONPATH.
 import datasets
 import evaluate
 
-from common.metrics import bleu4, rouge
+from common.metrics import text_metrics
 
 _DESCRIPTION = (
     "Mean ROUGE-1/2/L F1 (0..1; Chinese segmented with jieba, English lowercased words and "
@@ -46,4 +46,4 @@ class DomainTextMetrics(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, lang="auto"):
-        return {**rouge(predictions, references, lang), "bleu4": bleu4(predictions, references, lang)}
+        return text_metrics(predictions, references, lang)
