@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from common.errors import UserError
+from common.data import read_jsonl_numbered
 from common.metrics import _progress, input_device, text_metrics, tokenizer_adds_bos
 from common.metrics import perplexity as _perplexity
 from common.run import atomic_write_json
@@ -99,17 +100,7 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
                 raise UserError(f"{path}:{i}: expected an object, got {type(obj).__name__}")
             yield i, obj
         return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    yield from read_jsonl_numbered(path)
 
 
 def _read_csv(path: Path) -> Iterable[tuple[int, dict]]:

@@ -119,13 +119,22 @@ def rouge(preds: Sequence[str], refs: Sequence[str], lang: str = "auto") -> dict
 
 
 def bleu4(preds: Sequence[str], refs: Sequence[str], lang: str = "auto") -> float:
-    """Corpus BLEU-4 on sacrebleu's 0..100 scale (tokenizer "zh" for Chinese, "13a" for English)."""
+    """Corpus BLEU-4 on sacrebleu's 0..100 scale.
+
+    Chinese is scored on jieba words (as ROUGE is, and as SOAEsV2 reports), not sacrebleu's
+    one-token-per-character "zh" tokenizer: the text is segmented here and sacrebleu gets
+    `tokenize="none"`. English uses sacrebleu's standard "13a".
+    """
     import sacrebleu
 
     preds, refs = list(preds), list(refs)
     _check_pairs(preds, refs)
     lang = _resolve_lang(preds, refs, lang)
-    return float(sacrebleu.corpus_bleu(preds, [refs], tokenize="zh" if lang == "zh" else "13a").score)
+    if lang == "zh":
+        seg = lambda t: " ".join(tokenize_for_metrics(t, "zh"))  # noqa: E731
+        return float(sacrebleu.corpus_bleu([seg(p) for p in preds], [[seg(r) for r in refs]],
+                                           tokenize="none").score)
+    return float(sacrebleu.corpus_bleu(preds, [refs], tokenize="13a").score)
 
 
 def text_metrics(preds: Sequence[str], refs: Sequence[str], lang: str = "auto") -> dict:

@@ -183,7 +183,7 @@ def test_bad_mcq_input(tmp_path):
     with pytest.raises(UserError, match=r"f\.jsonl:1: missing option column 'C'"):
         ev.load_mcq(f)
     f = write(tmp_path / "g.jsonl", '{"question": "q", "A": "a", "B": "b", "answer": "A"}\nnot json\n')
-    with pytest.raises(UserError, match=r"g\.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"g\.jsonl:2: invalid JSON"):
         ev.load_mcq(f)
     f = write(tmp_path / "h.csv", "question,A,B,C,D,answer\nq,a,b,c,d\n")
     with pytest.raises(UserError, match=r"h\.csv:2: 5 fields but the header has 6"):

@@ -44,10 +44,15 @@ ZH_PRED, ZH_REF = "我们今天去北京开会", "我们明天去北京开会"
 #            2 shared of 4 and 4 -> 4/8 = 1/2
 #   ROUGE-L: LCS 我们 去 北京 开会 = 4 -> 4/5
 ZH_EXPECTED = {"rouge1": 4 / 5, "rouge2": 1 / 2, "rougeL": 4 / 5}
-# BLEU-4 with sacrebleu's "zh" tokenizer (one token per character), 9 characters each, BP = 1:
-#   1-grams 8/9; 2-grams 我们 天去 去北 北京 京开 开会 = 6/8; 3-grams 天去北 去北京 北京开 京开会 = 4/7;
-#   4-grams 天去北京 去北京开 北京开会 = 3/6  ->  100 * (8/9 * 6/8 * 4/7 * 3/6) ** (1/4) = 100 * (4/21) ** 0.25
-ZH_BLEU = 100 * (4 / 21) ** 0.25
+# Chinese BLEU-4 on jieba words: pred [国家 出资 企业 应当 依法 经营] (6) vs
+# ref [国家 出资 企业 应当 依法 诚信 经营] (7):
+#   p1 6/6; p2 国家-出资 出资-企业 企业-应当 应当-依法 = 4/5 (依法-经营 is not in the ref);
+#   p3 3/4; p4 2/3; brevity penalty exp(1 - 7/6)  ->  100 * exp(-1/6) * (2/5) ** (1/4)
+ZH_BLEU_PRED, ZH_BLEU_REF = "国家出资企业应当依法经营", "国家出资企业应当依法诚信经营"
+ZH_BLEU = 100 * math.exp(-1 / 6) * (2 / 5) ** 0.25
+# The same pair's ROUGE: 1-grams 6 shared of 6 and 7 -> 12/13; 2-grams 4 shared of 5 and 6 -> 8/11;
+# LCS is the whole prediction (6) -> 12/13.
+ZH_BLEU_ALL = {"rouge1": 12 / 13, "rouge2": 8 / 11, "rougeL": 12 / 13, "bleu4": ZH_BLEU}
 # English BLEU-4, "13a": pred "the cat sat on the mat today" (7) vs ref "the cat sat on the mat" (6):
 #   p1 6/7, p2 5/6, p3 4/5, p4 3/4, BP = 1 (the prediction is longer) -> 100 * (3/7) ** (1/4)
 EN_BLEU_PRED, EN_BLEU_REF = "the cat sat on the mat today", "the cat sat on the mat"
@@ -84,10 +89,10 @@ def test_rouge_by_hand():
 
 
 def test_bleu_by_hand():
-    assert bleu4([ZH_PRED], [ZH_REF]) == pytest.approx(ZH_BLEU, abs=1e-9)
+    assert bleu4([ZH_BLEU_PRED], [ZH_BLEU_REF]) == pytest.approx(ZH_BLEU, abs=1e-9)
     assert bleu4([EN_BLEU_PRED], [EN_BLEU_REF], "en") == pytest.approx(EN_BLEU, abs=1e-9)
-    all_four = text_metrics([ZH_PRED], [ZH_REF], "zh")
-    assert all_four == pytest.approx({**ZH_EXPECTED, "bleu4": ZH_BLEU}, abs=1e-9)
+    all_four = text_metrics([ZH_BLEU_PRED], [ZH_BLEU_REF], "zh")
+    assert all_four == pytest.approx(ZH_BLEU_ALL, abs=1e-9)
 
 
 def test_bad_metric_input():
@@ -105,8 +110,8 @@ def test_evaluate_module_matches(where):
     metric = evaluate.load(str(path))
     got = metric.compute(predictions=EN_PREDS, references=EN_REFS, lang="en")
     assert got == pytest.approx({**EN_EXPECTED, "bleu4": bleu4(EN_PREDS, EN_REFS, "en")}, abs=1e-12)
-    got = metric.compute(predictions=[ZH_PRED], references=[ZH_REF])
-    assert got == pytest.approx({**ZH_EXPECTED, "bleu4": ZH_BLEU}, abs=1e-9)
+    got = metric.compute(predictions=[ZH_BLEU_PRED], references=[ZH_BLEU_REF])
+    assert got == pytest.approx(ZH_BLEU_ALL, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
