@@ -134,9 +134,9 @@ def test_separate_packing_blocks_attention_across_documents(tiny_model_dir, tiny
     assert sep["labels"][0].tolist() == a + [-100] + b[1:]
     cross = cpt.BlockCollator(eos, separate=False)([block])
     assert "position_ids" not in cross and torch.equal(cross["labels"], cross["input_ids"])
-    # evaluation blocks never score a document's first token, whatever the training mode
+    # evaluation blocks score text only (no document's first token, no EOS), whatever the training mode
     evaluated = cpt.BlockCollator(eos, separate=False)([cpt.PackedBlocks(block[None], mask_boundaries=True)[0]])
-    assert evaluated["labels"][0].tolist() == a + [-100] + b[1:]
+    assert evaluated["labels"][0].tolist() == a[:-1] + [-100, -100] + b[1:-1] + [-100]
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([b])).logits
         packed = model(input_ids=sep["input_ids"], position_ids=sep["position_ids"]).logits[:, len(a):]
