@@ -246,6 +246,24 @@ def run_variant(name: str, out: Path, num_proc: int, result: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 
+def _spin(_=None) -> float:
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i * i
+    return time.perf_counter() - t0
+
+
+def machine_scaling(n: int) -> float:
+    """Throughput of n processes running a pure-Python loop, relative to one: what the box can give."""
+    import multiprocessing as mp
+
+    one = _spin()
+    with mp.get_context("fork").Pool(n) as pool:
+        times = pool.map(_spin, range(n))
+    return n * one / max(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target_mb", type=float, default=50.0, help="corpus size in UTF-8 megabytes (>= 50 for the issue)")
@@ -266,6 +284,10 @@ def main() -> None:
     mb = info["bytes"] / 1e6
     print(f"corpus: {info['docs']:,} docs, {mb:.1f} MB UTF-8 ({info['copies']} passes over the demo raw data; "
           f"{info['docs_by_source']})", flush=True)
+    for n in args.num_proc:
+        if n > 1:
+            print(f"machine check: {n} processes of a pure-Python loop give {machine_scaling(n):.2f}x the throughput "
+                  "of one (the ceiling for any scaling below)", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", DF_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
     results = {}
     for n in args.num_proc:
