@@ -31,7 +31,6 @@ Outputs go to bench/out/corpus/ (git-ignored); results to bench/out/corpus/resul
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -46,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.run import load_script  # noqa: E402
+
 STAGE_STEPS = {  # our step -> the datatrove step doing the same job
     "quality": "Gopher quality",
     "repetition": "Gopher repetition",
@@ -56,11 +57,7 @@ STAGE_STEPS = {  # our step -> the datatrove step doing the same job
 
 
 def load_stage():
-    spec = importlib.util.spec_from_file_location("build_corpus", ROOT / "01_build_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_corpus"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "01_build_corpus.py", "build_corpus")
 
 
 # ------------------------------------------------------------------------------------------------

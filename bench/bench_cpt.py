@@ -23,7 +23,6 @@ against one-document-per-row padding.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -36,17 +35,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common.run import load_script  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DF_NO_PROGRESS", "1")
 
 
 def load_stage():
-    spec = importlib.util.spec_from_file_location("continual_pretrain", ROOT / "02_continual_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["continual_pretrain"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "02_continual_pretrain.py", "continual_pretrain")
 
 
 def step_timer(warmup: int):

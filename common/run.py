@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import importlib.util
 import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -97,6 +99,26 @@ def resolve_input(explicit: str | None, run_dir: str | None, stage: str, what: s
     if run_dir:
         return stage_dir(run_dir, stage)
     raise UserError(f"give --{what} or --run_dir (then it is read from <run_dir>/{stage})")
+
+
+def load_script(path: str | Path, name: str):
+    """Import a stage script by path as module `name` (tests, benchmarks, notebooks).
+
+    Stage scripts start with a digit, so `import` cannot name them. The module is registered in
+    sys.modules before it runs: dataclasses look their module up while the class is built, and
+    worker processes unpickle its functions by that name. A second call returns the same module.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any] | None:

@@ -3,31 +3,20 @@ decontamination, the mixture share, determinism, bad input, the files a run writ
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
 from common.config import make_config
 from common.errors import UserError
+from common.run import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_stage():
-    # The script's name starts with a digit: import it by path, registered so that workers can unpickle it.
-    if "build_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("build_corpus", ROOT / "01_build_corpus.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["build_corpus"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["build_corpus"]
-
-
-bc = _load_stage()
+bc = load_script(ROOT / "01_build_corpus.py", "build_corpus")
 
 
 def cfg_of(**kw):

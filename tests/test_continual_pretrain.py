@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import torch
 
 from common.config import make_config
 from common.errors import UserError
-from common.run import StageRun
+from common.run import StageRun, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +26,7 @@ GENERAL = ["The quick brown fox jumps over the lazy dog.", "Wikipedia is a free 
            "人民日报 新华社 北京 一月 报道 经济 发展", "What is the capital of France? Paris is the capital of France."]
 
 
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("continual_pretrain", ROOT / "02_continual_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["continual_pretrain"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cpt = _load_stage()
+cpt = load_script(ROOT / "02_continual_pretrain.py", "continual_pretrain")
 
 
 def _write(path: Path, records) -> None:

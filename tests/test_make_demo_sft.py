@@ -1,9 +1,7 @@
 """data/make_demo_sft.py on a tiny fake raw folder: message format, held-out-by-article splits,
 SOE-only stage 3, MCQ answers, determinism and the relevance filter."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +9,10 @@ import pytest
 from common.config import make_config
 from common.data import to_messages
 from common.errors import UserError
+from common.run import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_demo_sft", ROOT / "data" / "make_demo_sft.py")
-mds = importlib.util.module_from_spec(_spec)
-sys.modules["make_demo_sft"] = mds  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(mds)
+mds = load_script(ROOT / "data" / "make_demo_sft.py", "make_demo_sft")
 
 SOE_LAW = "中华人民共和国企业国有资产法"
 LAWS = {
